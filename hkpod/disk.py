@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hkpod.errors import HkpodError
+from hkpod.run import run
 from hkpod.sizes import format_size
 
 LOG = logging.getLogger(__name__)
@@ -60,13 +61,47 @@ def make_disk(image: Path, dest: Path, size: int) -> None:
     check_free_space(dest.parent, min(estimate, virtual))
 
     if image_format is qcow2.ImageFormat.QCOW2:
-        LOG.info("Converting qcow2 image %s to a raw disk", image)
-        with progress_bar(virtual, "convert") as update:
-            qcow2.convert_to_raw(image, dest, size=size, progress=update)
+        convert_qcow2(image, dest, size=size, virtual_size=virtual)
         return
     LOG.info("Copying raw image %s", image)
     _sparse_copy(image, dest)
     os.truncate(dest, size)
+
+
+CONVERTER_ENV = "HKPOD_QCOW2_CONVERTER"
+CONVERTERS = ("auto", "builtin", "qemu-img")
+
+
+def convert_qcow2(image: Path, dest: Path, *, size: int, virtual_size: int) -> None:
+    """Convert IMAGE to a sparse raw DEST of SIZE bytes, with qemu-img when it is installed.
+
+    qemu-img converted the test guest's image about 1.3 to 1.5 times faster than the built-in
+    converter (scripts/bench, 2 cores), so it is preferred when present; the built-in converter
+    makes hkpod work without it. HKPOD_QCOW2_CONVERTER=builtin or qemu-img forces one of them.
+    """
+    from hkpod import qcow2
+
+    choice = os.environ.get(CONVERTER_ENV, "auto")
+    if choice not in CONVERTERS:
+        raise HkpodError(f"invalid {CONVERTER_ENV} {choice!r}", f"use one of: {', '.join(CONVERTERS)}")
+    qemu_img = shutil.which("qemu-img") if choice != "builtin" else None
+    if choice == "qemu-img" and qemu_img is None:
+        raise HkpodError(f"{CONVERTER_ENV}=qemu-img but qemu-img is not installed", "install qemu-utils, or unset it")
+    qcow2.read_header(image)  # rejects what neither converter should take (backing files, encryption)
+
+    if qemu_img is None:
+        LOG.info("Converting qcow2 image %s to a raw disk", image)
+        with progress_bar(virtual_size, "convert") as update:
+            qcow2.convert_to_raw(image, dest, size=size, progress=update)
+        return
+    LOG.info("Converting qcow2 image %s to a raw disk with qemu-img", image)
+    temporary = dest.with_name(f".{dest.name}.converting")
+    try:
+        run([qemu_img, "convert", "-O", "raw", str(image), str(temporary)])
+        os.truncate(temporary, size)
+        os.replace(temporary, dest)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 @contextmanager
