@@ -16,7 +16,7 @@ _SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])(?:I?B)?)?\s*$", re.IGNORECASE)
 def parse_size(text: str, *, bare_unit: int, option: str) -> int:
     """Parse TEXT such as `512M`, `2G` or `2GiB` into bytes; a bare number counts in BARE_UNIT.
 
-    Every suffix is binary (`M` and `MiB` are both 2**20), as podman machine and Lima read them.
+    Every suffix is binary: `M` and `MiB` are both 2**20 bytes.
     """
     match = _SIZE_RE.match(text)
     if match is None:

@@ -1,4 +1,4 @@
-"""Where a new machine's disk image, kernel and initrd come from: a catalog name or local files."""
+"""Boot file sources of a new machine: a catalog image name, or local image, kernel and initrd files."""
 
 from __future__ import annotations
 
