@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 from hkpod.errors import HkpodError
+from hkpod.fsutil import fsync_directory
 
 LOG = logging.getLogger(__name__)
 
@@ -697,19 +698,7 @@ def _write_atomically(dest: Path, size: int, fill: Callable[[int], None]) -> Non
             raise HkpodError(f"failed to write {dest}: {error.strerror}") from error
         raise
 
-    _fsync_directory(dest.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in DIRECTORY durable. The file is complete either way, so failures only log."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as error:
-        LOG.debug("failed to sync directory %s: %s", directory, error)
+    fsync_directory(dest.parent)
 
 
 def _truncated(path: Path, what: str, start: int, end: int, file_size: int) -> HkpodError:

@@ -22,6 +22,7 @@ import pycdlib
 import yaml
 
 from hkpod.errors import HkpodError
+from hkpod.fsutil import fsync_directory
 
 LOG = logging.getLogger(__name__)
 
@@ -336,13 +337,4 @@ def _write_atomically(iso: pycdlib.PyCdlib, path: Path) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
 
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in DIRECTORY survive a crash of the host."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)

@@ -19,6 +19,7 @@ from pathlib import Path
 from hkpod.config import MachineConfig, write_atomic
 from hkpod.drivers.base import CreateOptions, Driver
 from hkpod.errors import HkpodError
+from hkpod.fsutil import connect_unix
 from hkpod.paths import MachinePaths, cache_root
 from hkpod.process import command_line, read_pid_file
 from hkpod.run import run
@@ -326,7 +327,7 @@ def qmp_command(paths: MachinePaths, command: str) -> dict[str, object]:
     """Send one QMP command over the machine's socket and return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
         connection.settimeout(QMP_TIMEOUT)
-        _connect_unix(connection, paths.qmp_socket)
+        connect_unix(connection, paths.qmp_socket)
         stream = connection.makefile("rwb")
         stream.readline()  # the greeting
         for request in ({"execute": "qmp_capabilities"}, {"execute": command}):
@@ -337,19 +338,6 @@ def qmp_command(paths: MachinePaths, command: str) -> dict[str, object]:
                 if "event" not in reply:
                     break
         return dict(reply)
-
-
-def _connect_unix(connection: socket.socket, path: Path) -> None:
-    # Connect by a short relative name when the absolute path is too long for sockaddr_un.
-    if len(str(path)) < 100:
-        connection.connect(str(path))
-        return
-    previous = os.getcwd()
-    os.chdir(path.parent)
-    try:
-        connection.connect(path.name)
-    finally:
-        os.chdir(previous)
 
 
 def _wait_gone(current_pid: Callable[[], int | None], timeout: float) -> bool:

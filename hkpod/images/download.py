@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import hkpod
 from hkpod.errors import HkpodError
+from hkpod.fsutil import fsync_directory
 
 LOG = logging.getLogger(__name__)
 
@@ -453,15 +454,7 @@ def _commit(state: _Part, dest: Path, mode: int) -> None:
     os.chmod(state.path, mode)
     os.replace(state.path, dest)
     state.meta_path.unlink(missing_ok=True)
-    _fsync_dir(dest.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(dest.parent)
 
 
 def _check_status(response: requests.Response, url: str) -> None:
