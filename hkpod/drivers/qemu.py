@@ -22,7 +22,6 @@ from hkpod.errors import HkpodError
 from hkpod.fsutil import connect_unix
 from hkpod.paths import MachinePaths, cache_root
 from hkpod.process import command_line, read_pid_file
-from hkpod.run import run
 
 LOG = logging.getLogger(__name__)
 
