@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hkpod.errors import HkpodError
-from hkpod.run import CommandError
 from hkpod.ssh import SshTarget, run_remote
 
 LOG = logging.getLogger(__name__)
