@@ -18,6 +18,14 @@ CONSOLE_TAIL_LINES = 20
 # ssh exits 255 for its own failures (refused, reset, timeout); cloud-init restarts sshd a few
 # seconds after it first answers, so 255 is retried until the deadline.
 SSH_ERROR_STATUS = 255
+# Console lines after which the guest cannot come up. With panic=1 on the kernel command line both the
+# kernel and Debian's and Ubuntu's initramfs reboot instead of halting, so the boot would loop until
+# the timeout if nobody read them.
+FATAL_CONSOLE_TEXT = (
+    "Kernel panic - not syncing",
+    "Gave up waiting for root file system device",
+    "Dropping to a shell",
+)
 
 
 @dataclass
@@ -83,8 +91,26 @@ def wait_until_ready(guest: Guest, timeout: float) -> SshTarget:
     return target
 
 
+def _fatal_console_line(path: Path) -> str | None:
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    for line in text.replace("\r", "").splitlines():
+        if any(fatal in line for fatal in FATAL_CONSOLE_TEXT):
+            return line.strip()
+    return None
+
+
 def _wait_for(guest: Guest, clock: _Clock, phase: str, ready: Callable[[], bool]) -> None:
     while True:
+        fatal = _fatal_console_line(guest.console_log)
+        if fatal is not None:
+            raise ReadinessError(
+                f"machine {guest.name!r} failed to boot after {clock.elapsed():.0f} s: {fatal}",
+                "check the kernel, initrd and --cmdline-extra (root=) against the image",
+                console_tail(guest.console_log),
+            )
         reason = guest.exit_reason()
         if reason is not None:
             raise ReadinessError(

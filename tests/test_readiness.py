@@ -20,7 +20,7 @@ def guest(console: Path, *, exit_reason: str | None = None) -> Guest:
 
 def test_ready_vm_exit_fails_at_once(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
-    console.write_text("booting\nKernel panic - not syncing: VFS\n")
+    console.write_text("booting\npowering off\n")
     with pytest.raises(ReadinessError) as raised:
         wait_until_ready(guest(console, exit_reason="QEMU exited"), timeout=3600)
     assert "QEMU exited" in raised.value.message
@@ -28,10 +28,10 @@ def test_ready_vm_exit_fails_at_once(tmp_path: Path) -> None:
 
 def test_ready_exit_carries_console(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
-    console.write_text("booting\nKernel panic - not syncing: VFS\n")
+    console.write_text("booting\nreboot: Power down\n")
     with pytest.raises(ReadinessError) as raised:
         wait_until_ready(guest(console, exit_reason="QEMU exited"), timeout=3600)
-    assert "Kernel panic" in raised.value.console
+    assert "reboot: Power down" in raised.value.console
 
 
 def test_ready_timeout_names_phase(tmp_path: Path) -> None:
@@ -58,3 +58,19 @@ def test_console_tail_last_lines(tmp_path: Path) -> None:
 
 def test_console_tail_missing(tmp_path: Path) -> None:
     assert console_tail(tmp_path / "absent") == "(no console output)"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "[    2.1] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)",
+        "Gave up waiting for root file system device.  Common problems:",
+        "ALERT!  LABEL=cloudimg-rootfs does not exist.  Dropping to a shell!",
+    ],
+)
+def test_ready_fatal_console_fails_at_once(tmp_path: Path, line: str) -> None:
+    console = tmp_path / "console.log"
+    console.write_text(f"booting\r\n{line}\r\nrebooting\r\n")
+    with pytest.raises(ReadinessError) as raised:
+        wait_until_ready(guest(console), timeout=3600)
+    assert line.strip() in raised.value.message
