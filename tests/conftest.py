@@ -104,9 +104,12 @@ def test_image() -> GuestImage:
 
 
 def run_hkpod(args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 900,
-              check: bool = False, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real CLI in a subprocess, as the current user or as USER through runuser."""
-    argv = [sys.executable, "-m", "hkpod", *args]
+              check: bool = False, user: str | None = None, python: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess, as the current user or as USER through runuser (which sets HOME to USER's).
+
+    PYTHON replaces this interpreter, for a USER who cannot run it.
+    """
+    argv = [python or sys.executable, "-m", "hkpod", *args]
     if user is not None:
         argv = ["runuser", "-u", user, "--", *argv]
     result = subprocess.run(argv, env=env or dict(os.environ), cwd=REPO, stdin=subprocess.DEVNULL,

@@ -56,6 +56,10 @@ class Driver(abc.ABC):
     def ssh_address(self, config: MachineConfig, paths: MachinePaths) -> tuple[str, int] | None:
         """Return (host, port) where the guest's sshd answers, or None while it is not known yet."""
 
+    def failed(self, config: MachineConfig, paths: MachinePaths) -> bool:
+        """Return whether the VM process ended in an error that a plain stop would not explain."""
+        return False
+
     def exit_reason(self, config: MachineConfig, paths: MachinePaths) -> str:
         """Describe why the VM process is gone, for readiness errors."""
         return "the VM process exited"

@@ -20,8 +20,13 @@ firmware or the virtio-sock, virtio-9p, virtio-tap, virtio-vpnkit, uart and
 dummy devices: it rejects them.
 
 For a valid argv it writes the pid file, sets up the serial console files and
-then runs boot(). SIGTERM is the power button: it exits 0 and removes the pid
-file, as hyperkit does after a clean ACPI poweroff.
+then runs boot(). Without a settings file there is no guest, and SIGTERM
+exits 0 and removes the pid file, as hyperkit does after a clean ACPI poweroff.
+With a settings file (fake_hyperkit.json next to the script, see
+load_settings), QEMU boots the guest. A poweroff exits 0, a reboot exits 2,
+and SIGTERM presses the power button. The guest's lease goes into the lease
+file in bootpd's format, with an address in 127.0.0.0/8 whose port 22 is
+forwarded to the guest's.
 
 Environment: FAKE_HYPERKIT_VERSION sets the version that -v prints.
 
@@ -31,14 +36,22 @@ This script imports nothing from hkpod, so it checks hkpod from outside.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import fcntl
 import hashlib
+import json
 import os
 import re
 import resource
+import select
+import shutil
 import signal
+import socket
 import struct
+import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -796,16 +809,198 @@ def load_firmware(config: Config) -> None:
 def boot(config: Config, runtime: Runtime) -> int:
     """Run the guest until it powers off, and return hyperkit's exit status.
 
-    The guest is not run yet: the stand-in waits for SIGTERM (the power button,
-    see main()), which ends it with status 0.
-    TODO: run the guest with QEMU once end-to-end tests need a booted guest: each
-    virtio-blk disk as a virtio drive, the ahci-cd seed ISO as a CD-ROM, kexec as
-    -kernel/-initrd/-append, the COM1 log= file as the serial output file, and a
-    record in bootpd's format (see format_lease) in $HKPOD_DHCPD_LEASES with an
-    address in 127.0.0.0/8.
+    Without a settings file (see load_settings) there is no guest: the
+    stand-in waits for SIGTERM (the power button, see main()), which ends it
+    with status 0. With one, QEMU runs the guest (see run_guest).
     """
-    while True:
-        signal.pause()
+    settings = load_settings()
+    if settings is None:
+        while True:
+            signal.pause()
+    return run_guest(config, runtime, settings)
+
+
+# ---- the guest under QEMU ------------------------------------------------------
+
+SETTINGS_FILE = "fake_hyperkit.json"
+DEFAULT_QEMU = "qemu-system-x86_64"
+DEFAULT_ACCEL = "tcg,thread=multi,tb-size=256"
+DEFAULT_CPU = "max"
+LEASE_SECONDS = 86400
+QMP_CONNECT_TIMEOUT = 60.0
+PR_SET_PDEATHSIG = 1
+
+
+def load_settings() -> dict[str, str] | None:
+    """Read fake_hyperkit.json from the directory of the invoked path, else of this file.
+
+    hyperkit runs under sudo, which strips the environment, so the stand-in
+    takes its settings from a file that the test writes next to it:
+      leases  the lease file to write the guest's record into (required)
+      qemu    the QEMU binary (default qemu-system-x86_64 on PATH)
+      accel   QEMU's -accel value (default tcg,thread=multi,tb-size=256)
+      cpu     QEMU's -cpu value (default max)
+    """
+    directories = {os.path.dirname(os.path.abspath(sys.argv[0])), os.path.dirname(os.path.realpath(__file__))}
+    for directory in sorted(directories):
+        path = os.path.join(directory, SETTINGS_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as settings:
+                loaded = json.load(settings)
+            return {str(key): str(value) for key, value in loaded.items()}
+    return None
+
+
+def loopback_address(text: str) -> str:
+    """An address in 127.0.0.0/8 derived from the UUID, standing in for the one bootpd would give.
+
+    It is never 127.0.0.1, so the forwarded port 22 does not collide with a service of the host.
+    """
+    digest = hashlib.sha256(str(uuid.UUID(text)).encode()).digest()
+    return f"127.{1 + digest[0] % 254}.{digest[1]}.{1 + digest[2] % 254}"
+
+
+def _qemu_path(path: str) -> str:
+    # QEMU's option parser reads a doubled comma as a literal comma inside a value.
+    return path.replace(",", ",,")
+
+
+def _disk_arguments(disks: list[BlockDevice]) -> list[str]:
+    arguments: list[str] = []
+    for index, disk in enumerate(disks):
+        drive = f"if=none,id=drive{index},format=raw,file={_qemu_path(disk.path)}"
+        if disk.emulation == "ahci-cd":
+            # q35's AHCI controller has one port per bus, ide.0 to ide.5.
+            arguments += ["-drive", f"{drive},media=cdrom,readonly=on", "-device", f"ide-cd,drive=drive{index},bus=ide.{index}"]
+            continue
+        drive += ",readonly=on" if disk.read_only else ",cache=writeback"
+        device = "ide-hd" if disk.emulation == "ahci-hd" else "virtio-blk-pci"
+        arguments += ["-drive", drive, "-device", f"{device},drive=drive{index}"]
+    return arguments
+
+
+def qemu_argv(config: Config, runtime: Runtime, settings: dict[str, str], qmp: str, address: str) -> list[str]:
+    """The QEMU argv that runs the machine hyperkit would run, as set up by init_pci."""
+    assert config.firmware is not None
+    assert config.uuid is not None
+    assert runtime.mac is not None
+    argv = [
+        settings.get("qemu", DEFAULT_QEMU),
+        "-name", "fake-hyperkit",
+        "-uuid", config.uuid,
+        "-machine", "q35",
+        "-accel", settings.get("accel", DEFAULT_ACCEL),
+        "-cpu", settings.get("cpu", DEFAULT_CPU),
+        "-smp", str(config.ncpus),
+        "-m", f"{config.memsize // MB}M",
+        "-nodefaults",
+        "-display", "none",
+        # A guest reboot ends QEMU, as it ends hyperkit (exit status 2).
+        "-no-reboot",
+        "-kernel", config.firmware.kernel or "",
+        "-append", config.firmware.cmdline or "auto",
+    ]
+    if config.firmware.initrd:
+        argv += ["-initrd", config.firmware.initrd]
+    argv += _disk_arguments(runtime.disks)
+    # User networking replaces vmnet, and reaches nothing but the forwarded SSH port.
+    argv += [
+        "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:{address}:22-:22",
+        "-device", f"virtio-net-pci,netdev=net0,mac={format_mac(runtime.mac)}",
+    ]
+    if any(slot.emulation == "virtio-rnd" for slot in config.slots.values()):
+        argv += ["-device", "virtio-rng-pci"]
+    console = f"file:{runtime.console_logs[0]}" if runtime.console_logs else "null"
+    argv += ["-serial", console, "-qmp", f"unix:{qmp},server=on,wait=off"]
+    return argv
+
+
+def _die_with_parent() -> None:
+    # A SIGKILL to the stand-in cannot be caught, so the kernel takes QEMU down with it.
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class Qmp:
+    """A QMP connection that collects events: the SHUTDOWN event's reason separates poweroff from reboot."""
+
+    def __init__(self, path: str, qemu: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + QMP_CONNECT_TIMEOUT
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:
+                if qemu.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.buffer = b""
+        self.shutdown_reason: str | None = None
+        self.send("qmp_capabilities")
+
+    def send(self, command: str) -> None:
+        self.sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+
+    def read(self) -> bool:
+        """Read what arrived; False once QEMU closed the connection."""
+        data = self.sock.recv(65536)
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            message = json.loads(line or b"{}")
+            if message.get("event") == "SHUTDOWN":
+                self.shutdown_reason = message.get("data", {}).get("reason")
+        return bool(data)
+
+
+def guest_status(returncode: int, shutdown_reason: str | None) -> int:
+    """hyperkit's exit status for how QEMU ended."""
+    if returncode != 0:
+        return 1
+    if shutdown_reason in ("guest-reset", "guest-panic"):
+        return 2
+    return 0
+
+
+def run_guest(config: Config, runtime: Runtime, settings: dict[str, str]) -> int:
+    assert config.uuid is not None and runtime.mac is not None
+    scratch = tempfile.mkdtemp(prefix="fake-hyperkit-")
+    qmp_path = os.path.join(scratch, "qmp.sock")
+    address = loopback_address(config.uuid)
+    wakeup_read, wakeup_write = socket.socketpair()
+    wakeup_write.setblocking(False)
+    signal.set_wakeup_fd(wakeup_write.fileno())
+    signal.signal(signal.SIGTERM, lambda *_: None)
+
+    argv = qemu_argv(config, runtime, settings, qmp_path, address)
+    err(f"fake-hyperkit: running {' '.join(argv)}\n")
+    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    try:
+        qmp = Qmp(qmp_path, qemu)
+        write_lease(settings["leases"], format_lease(name=None, ip_address=address, mac=runtime.mac,
+                                                     expiry=int(time.time()) + LEASE_SECONDS))
+        open_connection = True
+        while qemu.poll() is None or open_connection:
+            readable, _, _ = select.select([qmp.sock, wakeup_read] if open_connection else [wakeup_read], [], [], 0.5)
+            if qmp.sock in readable:
+                open_connection = qmp.read()
+            if wakeup_read in readable and signal.SIGTERM in wakeup_read.recv(64) and open_connection:
+                # hyperkit turns SIGTERM into an ACPI power-button press.
+                qmp.send("system_powerdown")
+            if qemu.poll() is not None and not readable:
+                break
+        returncode = qemu.wait()
+        return guest_status(returncode, qmp.shutdown_reason)
+    except OSError as error:
+        err(f"fake-hyperkit: QEMU failed: {error}\n")
+        return 1
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def format_lease(*, name: str | None, ip_address: str, mac: bytes, expiry: int) -> str:
