@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hkpod.drivers import DRIVER_NAMES, default_driver_name
 from hkpod.errors import HkpodError
 from hkpod.readiness import ReadinessError
 from hkpod.images.catalog import DEFAULT_IMAGE, is_catalog_name, resolve_image_name
-from hkpod.sizes import format_size, human_size, parse_disk_bytes, parse_memory_mib
+from hkpod.sizes import GIB, format_size, human_size, parse_disk_bytes, parse_memory_mib, parse_size
 from hkpod.sources import BootFiles, resolve_boot_files
 
 LOG = logging.getLogger("hkpod")
@@ -62,10 +63,11 @@ def cli(context: click.Context, debug: bool) -> None:
 @click.option("--accel", type=click.Choice(["auto", "kvm", "hvf", "tcg"]), default="auto", show_default=True, help="QEMU accelerator; auto probes which one really boots here and remembers it.")
 @click.option("--network", type=click.Choice(["nat", "isolated"]), default="nat", show_default=True, help="nat: the guest reaches the network; isolated (QEMU): it reaches only its forwarded SSH port.")
 @click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT, show_default=True, help="Seconds to wait for the guest to become ready.")
+@click.option("--hyperkit", "hyperkit_path", type=click.Path(path_type=Path), help="The hyperkit binary to use (HyperKit driver); default: $HKPOD_HYPERKIT, PATH, Docker Desktop, Multipass. Kept for later starts.")
 @click.option("--dry-run", is_flag=True, help="Print the hypervisor argv and the seed files, create nothing.")
 def create(name: str, cpus: int, memory: str, disk: str, image: str | None, mirror: str | None, insecure_skip_verify: bool,
            kernel: Path | None, initrd: Path | None, cmdline_extra: str, driver: str, accel: str, network: str,
-           timeout: float, dry_run: bool) -> None:
+           hyperkit_path: Path | None, timeout: float, dry_run: bool) -> None:
     """Create and start machine NAME (default: podman) and register it as a podman connection."""
     from hkpod.config import validate_name
 
@@ -73,8 +75,13 @@ def create(name: str, cpus: int, memory: str, disk: str, image: str | None, mirr
     memory_mib = parse_memory_mib(memory)
     disk_bytes = parse_disk_bytes(disk)
     machine.check_cpus(cpus)
+    machine.check_memory(memory_mib)
+    if any(not character.isprintable() for character in cmdline_extra):
+        raise HkpodError(f"--cmdline-extra {cmdline_extra!r} contains control characters", "give the words on one line")
     if network == "isolated" and driver != "qemu":
         raise HkpodError(f"--network isolated is not available with --driver {driver}", "use --driver qemu, or --network nat")
+    if hyperkit_path is not None and driver != "hyperkit":
+        raise HkpodError(f"--hyperkit is only used by --driver hyperkit, not --driver {driver}", "drop --hyperkit, or add --driver hyperkit")
     if insecure_skip_verify:
         LOG.warning("--insecure-skip-verify: the image's signature is NOT checked; anyone who can alter the mirror's files can alter this machine")
     if dry_run and is_catalog_name(image or DEFAULT_IMAGE):
@@ -87,7 +94,7 @@ def create(name: str, cpus: int, memory: str, disk: str, image: str | None, mirr
         name=name, driver=driver, cpus=cpus, memory_mib=memory_mib, disk_bytes=disk_bytes, image=files.image,
         kernel=files.kernel, initrd=files.initrd, image_description=files.description, image_digests=files.digests,
         insecure_skip_verify=insecure_skip_verify, cmdline_extra=cmdline_extra, accel=accel, network=network,
-        timeout=timeout, dry_run=dry_run,
+        timeout=timeout, dry_run=dry_run, hyperkit=str(hyperkit_path.expanduser().absolute()) if hyperkit_path else None,
     )
     if dry_run:
         click.echo(machine.dry_run(request))
@@ -146,7 +153,7 @@ def list_command(output_format: str) -> None:
     for item in machines:
         ssh_info = item["ssh"]
         rows.append((item["name"], item["driver"], item["state"], str(item["cpus"]), format_size(item["memory_mib"] << 20),
-                     format_size(item["disk_bytes"]), f"{ssh_info['host']}:{ssh_info['port']}" if ssh_info["host"] else "-"))
+                     format_size(item["disk_bytes"]), f"{ssh_info['host']}:{ssh_info['port']}" if ssh_info["host"] and item["state"] != "stopped" else "-"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -161,15 +168,46 @@ def inspect(name: str) -> None:
 
 @cli.command()
 @click.argument("name", default="podman")
+def ip(name: str) -> None:
+    """Print the address where machine NAME's SSH server answers."""
+    config, paths, driver = machine.load(name)
+    address = driver.ssh_address(config, paths)
+    if address is None:
+        raise HkpodError(f"the address of machine {name!r} is not known yet",
+                         "it is known once the guest got a DHCP lease; start it with `hkpod start` or wait for it to boot")
+    click.echo(address[0])
+
+
+@cli.command()
+@click.option("--format", "output_format", type=click.Choice(["table", "json"]), default="table", show_default=True, help="Output format.")
+def doctor(output_format: str) -> None:
+    """Check what the HyperKit and QEMU drivers need on this host, and how to fix what is missing."""
+    from hkpod.doctor import format_table, run_checks
+
+    checks = run_checks()
+    if output_format == "json":
+        click.echo(json.dumps([check.to_json() for check in checks], indent=2))
+    else:
+        click.echo(format_table(checks))
+
+
+@cli.command()
+@click.argument("name", default="podman")
 @click.option("--previous", is_flag=True, help="Show the console of the boot before the current one.")
-def logs(name: str, previous: bool) -> None:
+@click.option("--hypervisor", is_flag=True, help="Show the output of hyperkit and its supervisor instead (HyperKit driver only).")
+def logs(name: str, previous: bool, hypervisor: bool) -> None:
     """Print machine NAME's serial console output."""
     paths = machine.existing_paths(name)
     path = paths.previous_console_log if previous else paths.console_log
+    if hypervisor:
+        path = paths.hypervisor_log
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise HkpodError(f"machine {name!r} has no console log yet", f"start it with `hkpod start {name}`") from None
+        if previous and not hypervisor:
+            raise HkpodError(f"machine {name!r} has no console log of an earlier boot", f"see the current one with `hkpod logs {name}`") from None
+        what = "hypervisor log (only the HyperKit driver writes one)" if hypervisor else "console log"
+        raise HkpodError(f"machine {name!r} has no {what} yet", f"start it with `hkpod start {name}`") from None
     click.echo(data.decode(errors="replace").replace("\r", "").rstrip("\0"), nl=False)
 
 
@@ -195,20 +233,21 @@ def _images_in_use() -> set[str]:
 def image_ls() -> None:
     """List cached images with their size on disk (allocated) and their file size (apparent)."""
     from hkpod.images.cache import disk_usage, list_images
+    from hkpod.images.resolve import Role
     from hkpod.sources import image_cache_root
 
     root = image_cache_root()
-    rows = [("IMAGE", "ARCH", "SERIAL", "ON DISK", "SIZE", "PULLED", "MIRROR")]
+    rows = [("IMAGE", "ARCH", "FILE", "ON DISK", "SIZE", "PULLED", "MIRROR")]
     for listing in list_images(root):
         cached = listing.image
-        serial = cached.files[0].url.rstrip("/").split("/")[-2] if cached.files else "-"
+        serial = cached.file(Role.IMAGE).name
         rows.append((f"ubuntu:{cached.version}", cached.arch.value, serial, human_size(listing.allocated_bytes),
                      human_size(listing.apparent_bytes), cached.pulled_at, cached.mirror))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     apparent, allocated = disk_usage(root)
-    click.echo(f"Total: {human_size(allocated)} on disk, {human_size(apparent)} apparent, in {root}")
+    click.echo(f"All cached files, including those kept for machines: {human_size(allocated)} on disk, {human_size(apparent)} apparent, in {root}")
 
 
 @image.command(name="pull")
@@ -260,16 +299,28 @@ def image_convert(source: Path, dest: Path, size: str | None) -> None:
     from hkpod.sources import check_readable
 
     source = check_readable(source, "SOURCE")
+    if dest.exists():
+        raise HkpodError(f"{dest} already exists", "remove it first or choose another DEST; hkpod never overwrites a disk")
     header = qcow2.read_header(source)
-    target_size = parse_disk_bytes(size) if size else None
+    target_size = parse_size(size, bare_unit=GIB, option="--size") if size else None
     with progress_bar(header.virtual_size, "convert") as update:
         qcow2.convert_to_raw(source, dest, size=target_size, progress=update)
     click.echo(f"Wrote {dest} ({human_size(dest.stat().st_size)}, {human_size(dest.stat().st_blocks * 512)} on disk)")
 
 
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived; raised like Ctrl-C so a create in progress cleans up."""
+
+
+def _terminate(signal_number: int, _frame: object) -> None:
+    raise Terminated(128 + signal_number)
+
+
 def main() -> None:
     """Run the CLI; an HkpodError is one line on stderr and exit 1, Ctrl-C is exit 130."""
     debug = "--debug" in sys.argv[1:]
+    for signal_number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signal_number, _terminate)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -292,5 +343,8 @@ def main() -> None:
         if debug:
             raise
         sys.exit(error.exit_code)
+    except Terminated as error:
+        click.echo("Terminated", err=True)
+        sys.exit(error.code)
     except SystemExit:
         raise

@@ -15,7 +15,7 @@ from hkpod.errors import HkpodError
 
 SCHEMA_VERSION = 1
 MAX_NAME_LENGTH = 63
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 
 
 def validate_name(name: str) -> str:
@@ -23,7 +23,7 @@ def validate_name(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH or not _NAME_RE.match(name):
         raise HkpodError(
             f"invalid machine name {name!r}",
-            f"use lowercase letters, digits and '-', starting with a letter or digit, at most {MAX_NAME_LENGTH} characters",
+            f"use lowercase letters, digits and '-', starting and ending with a letter or digit, at most {MAX_NAME_LENGTH} characters",
         )
     return name
 
@@ -82,8 +82,34 @@ class MachineConfig:
         if missing:
             raise HkpodError(f"{source} lacks {', '.join(missing)}", "restore it or remove the machine with `hkpod rm --force`")
         values = {key: value for key, value in data.items() if key in names}
+        for key, value in values.items():
+            if not _has_type(value, _FIELD_TYPES[key]):
+                raise HkpodError(
+                    f"{source}: {key} is {value!r}, which is not a valid {_FIELD_TYPES[key]}",
+                    "restore it or remove the machine with `hkpod rm --force`",
+                )
         values["image_digests"] = tuple(values.get("image_digests", ()))
         return cls(**values)
+
+
+# JSON types of the config fields, as from_json checks them.
+_FIELD_TYPES = {field.name: str(field.type) for field in dataclasses.fields(MachineConfig)}
+
+
+def _has_type(value: object, annotation: str) -> bool:
+    """Check VALUE from JSON against a field annotation such as `int`, `str | None` or `tuple[str, ...]`."""
+    for option in (part.strip() for part in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        if option == "bool" and isinstance(value, bool):
+            return True
+        if option == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option == "str" and isinstance(value, str):
+            return True
+        if option.startswith("tuple[str") and isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return True
+    return False
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from hkpod.errors import HkpodError
 from hkpod.run import run
-from hkpod.sizes import format_size
+from hkpod.sizes import format_size, human_size
 
 LOG = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def check_free_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise HkpodError(
-            f"not enough free space in {directory}: {format_size(free)} free, the disk needs about {format_size(needed)}",
+            f"not enough free space in {directory}: {human_size(free)} free, the disk needs about {human_size(needed)}",
             "free some space or choose another HKPOD_HOME",
         )
 
@@ -52,7 +52,7 @@ def make_disk(image: Path, dest: Path, size: int) -> None:
     virtual = image_virtual_size(image)
     if size < virtual:
         raise HkpodError(
-            f"--disk {format_size(size)} is smaller than the image {image} ({format_size(virtual)})",
+            f"--disk {format_size(size)} is smaller than the image {image} ({human_size(virtual)})",
             f"use --disk {format_size(-(-virtual // (1 << 30)) << 30)} or larger",
         )
     # A raw copy allocates what the image allocates. A compressed qcow2 expands, so three times
@@ -100,6 +100,12 @@ def convert_qcow2(image: Path, dest: Path, *, size: int, virtual_size: int) -> N
         run([qemu_img, "convert", "-O", "raw", str(image), str(temporary)])
         os.truncate(temporary, size)
         os.replace(temporary, dest)
+    except HkpodError as error:
+        if choice == "qemu-img":
+            raise
+        # The built-in converter names what is wrong with the file (truncated, corrupt) in its error.
+        LOG.warning("qemu-img could not convert %s (%s); trying the built-in converter", image, error)
+        qcow2.convert_to_raw(image, dest, size=size)
     finally:
         temporary.unlink(missing_ok=True)
 

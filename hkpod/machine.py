@@ -9,6 +9,7 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import uuid as uuid_module
@@ -26,7 +27,7 @@ from hkpod.drivers.base import CreateOptions, Driver
 from hkpod.errors import HkpodError
 from hkpod.lock import machine_lock
 from hkpod.paths import MachinePaths, machines_root
-from hkpod.process import is_alive, read_pid_file
+from hkpod.process import command_line, is_alive, read_pid_file
 from hkpod.readiness import Guest, wait_until_ready
 from hkpod.sizes import format_size
 
@@ -36,6 +37,7 @@ LOGIN_USER = "hkpod"
 PODMAN_USER = "root"
 DEFAULT_ROOT = "LABEL=cloudimg-rootfs"
 STOP_TIMEOUT = 60.0
+FAILED_START_STOP_TIMEOUT = 20.0
 # A stable namespace, so a machine recreated under the same name gets the same UUID, hence the same MAC and DHCP lease.
 UUID_NAMESPACE = uuid_module.UUID("5d8f1c2e-7b7a-4c36-9a51-2f2d0f6b8a41")
 
@@ -110,7 +112,7 @@ def state_of(driver: Driver, config: MachineConfig, paths: MachinePaths) -> Mach
     if driver.running_pid(config, paths) is not None:
         starter = read_pid_file(paths.starting_marker)
         return MachineState.STARTING if starter is not None and is_alive(starter) else MachineState.RUNNING
-    if paths.last_error.exists():
+    if paths.last_error.exists() or driver.failed(config, paths):
         return MachineState.ERROR
     return MachineState.STOPPED
 
@@ -121,6 +123,20 @@ def check_cpus(cpus: int) -> None:
         raise HkpodError(f"invalid --cpus {cpus}", "give at least 1")
     if cpus > host_cpus:
         raise HkpodError(f"--cpus {cpus} is more than this host's {host_cpus} CPUs", f"use --cpus {host_cpus} or fewer")
+
+
+def host_memory_mib() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    except (ValueError, OSError):
+        return None
+
+
+def check_memory(memory_mib: int) -> None:
+    total = host_memory_mib()
+    if total is not None and memory_mib > total:
+        raise HkpodError(f"--memory {memory_mib}M is more than this host's {total}M of memory",
+                         f"use --memory {max(total // 2, 256)}M or less")
 
 
 def _new_config(request: CreateRequest) -> MachineConfig:
@@ -238,6 +254,15 @@ def _build(request: CreateRequest, driver: Driver, paths: MachinePaths) -> Machi
 
 
 def _discard(driver: Driver, config: MachineConfig | None, paths: MachinePaths) -> None:
+    # A second Ctrl-C must not interrupt the clean-up and leave a half-made machine behind.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _discard_now(driver, config, paths)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _discard_now(driver: Driver, config: MachineConfig | None, paths: MachinePaths) -> None:
     if config is not None:
         try:
             driver.stop(config, paths, force=True, timeout=0)
@@ -287,9 +312,21 @@ def _start(driver: Driver, config: MachineConfig, paths: MachinePaths, timeout: 
         return _connect_podman(driver, config, paths)
     except HkpodError as error:
         paths.last_error.write_text(f"{error}\n")
+        _stop_after_failed_start(driver, config, paths)
         raise
     finally:
         paths.starting_marker.unlink(missing_ok=True)
+
+
+def _stop_after_failed_start(driver: Driver, config: MachineConfig, paths: MachinePaths) -> None:
+    """Power off a guest that did not become ready, so a failed start never leaves a VM running."""
+    if driver.running_pid(config, paths) is None:
+        return
+    LOG.warning("stopping machine %r because it did not become ready", config.name)
+    try:
+        driver.stop(config, paths, force=False, timeout=FAILED_START_STOP_TIMEOUT)
+    except HkpodError as error:
+        LOG.warning("could not stop machine %r: %s", config.name, error)
 
 
 def _connect_podman(driver: Driver, config: MachineConfig, paths: MachinePaths) -> MachineConfig:
@@ -366,8 +403,25 @@ def remove(name: str, *, force: bool) -> None:
             if not force:
                 raise HkpodError(f"machine {name!r} is running", f"stop it with `hkpod stop {name}`, or use `hkpod rm --force {name}`")
             driver.stop(config, paths, force=True, timeout=0)
+        if config is None:
+            _kill_unconfigured(paths)
         _unregister_podman(name)
     shutil.rmtree(paths.dir)
+
+
+def _kill_unconfigured(paths: MachinePaths) -> None:
+    """Kill the VM of a machine whose config is unreadable, if its pid file names a process using its disk."""
+    pid = read_pid_file(paths.pid_file)
+    argv = command_line(pid) if pid is not None else None
+    if pid is None or argv is None or not any(str(paths.disk) in argument for argument in argv):
+        return
+    LOG.warning("killing pid %d, which runs this machine's disk, before removing the machine", pid)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except PermissionError as error:
+        raise HkpodError(f"cannot kill pid {pid}, which runs the disk {paths.disk}", "kill it as root, then run rm again") from error
+    except ProcessLookupError:
+        pass
 
 
 def describe(config: MachineConfig, paths: MachinePaths, driver: Driver) -> dict[str, Any]:
@@ -407,7 +461,10 @@ def all_machines() -> list[tuple[MachineConfig, MachinePaths, Driver]]:
         return []
     found = []
     for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            continue
         if not (entry / "config.json").is_file():
+            LOG.warning("machine directory %s has no config.json; remove it with `hkpod rm --force %s`", entry, entry.name)
             continue
         try:
             found.append(load(entry.name))

@@ -39,6 +39,8 @@ class Guest:
     exit_reason: Callable[[], str | None]
     # Returns the SSH target once the guest's address is known (HyperKit learns it from DHCP).
     ssh_target: Callable[[], SshTarget | None]
+    # The last line ssh printed while the guest was not answering, for the timeout message.
+    last_ssh_error: str = ""
 
 
 def console_tail(path: Path, lines: int = CONSOLE_TAIL_LINES) -> str:
@@ -121,10 +123,15 @@ def _wait_for(guest: Guest, clock: _Clock, phase: str, ready: Callable[[], bool]
         if ready():
             return
         if clock.expired():
+            tail = console_tail(guest.console_log)
+            detail = f" (last ssh error: {guest.last_ssh_error})" if guest.last_ssh_error else ""
+            hint = f"see `hkpod logs {guest.name}`, or raise --timeout"
+            if tail == "(no console output)" or not tail.strip():
+                hint = "the guest printed nothing: check --kernel, and try --accel tcg if a hardware accelerator is in use"
             raise ReadinessError(
-                f"timed out after {clock.timeout:.0f} s waiting for {phase} on machine {guest.name!r}",
-                f"see `hkpod logs {guest.name}`, or raise --timeout",
-                console_tail(guest.console_log),
+                f"timed out after {clock.timeout:.0f} s waiting for {phase} on machine {guest.name!r}{detail}",
+                hint,
+                tail,
             )
         time.sleep(POLL_INTERVAL)
 
@@ -146,12 +153,14 @@ def _ssh_answers(guest: Guest, holder: list[SshTarget]) -> bool:
         return True
     if result.returncode != SSH_ERROR_STATUS:
         raise HkpodError(f"ssh to machine {guest.name!r} ran `true` with exit status {result.returncode}")
-    if "host key" in (result.stderr or "").lower() and "verification failed" in (result.stderr or "").lower():
+    stderr = (result.stderr or "").strip()
+    if "host key verification failed" in stderr.lower():
         raise HkpodError(
             f"machine {guest.name!r} presented a host key other than the one hkpod pinned",
             "something else answers on its address, or the guest regenerated its keys; recreate the machine",
         )
-    LOG.debug("ssh not ready yet: %s", (result.stderr or "").strip()[-200:])
+    guest.last_ssh_error = stderr.splitlines()[-1] if stderr else f"exit status {SSH_ERROR_STATUS}"
+    LOG.debug("ssh not ready yet: %s", guest.last_ssh_error)
     return False
 
 

@@ -36,6 +36,8 @@ def driver_arch(driver: str) -> Arch:
 
 def check_readable(path: Path, option: str) -> Path:
     path = path.expanduser().absolute()
+    if path.is_dir():
+        raise HkpodError(f"{option} {path}: is a directory", f"give {option} the path of a file")
     if not path.is_file():
         raise HkpodError(f"{option} {path}: no such file", f"check the path given to {option}")
     if not os.access(path, os.R_OK):

@@ -54,10 +54,12 @@ class SshTarget:
     def options(self, *, batch: bool, connect_timeout: int = 10) -> list[str]:
         options = [
             "-F", "/dev/null",
+            "-i", str(self.identity),
             "-o", "IdentitiesOnly=yes",
-            "-o", f"IdentityFile={self.identity}",
             "-o", "StrictHostKeyChecking=yes",
-            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            # ssh splits an option's value at white space unless it is in double quotes, and
+            # macOS's default data directory ("Application Support") contains a space.
+            "-o", f'UserKnownHostsFile="{self.known_hosts}"',
             "-o", "GlobalKnownHostsFile=/dev/null",
             "-o", f"HostKeyAlias={host_key_alias(self.machine)}",
             "-o", "UpdateHostKeys=no",

@@ -83,7 +83,40 @@ def test_dry_run_default_image_downloads_nothing(isolated_home: Path) -> None:
 
 
 def test_create_image_directory(isolated_home: Path, tmp_path: Path) -> None:
-    assert_one_line_error(run_hkpod(["create", "--image", str(tmp_path)]), str(tmp_path), "no such file")
+    assert_one_line_error(run_hkpod(["create", "--image", str(tmp_path)]), str(tmp_path), "is a directory")
+
+
+def test_create_memory_over_host(isolated_home: Path) -> None:
+    assert_one_line_error(run_hkpod(["create", "--memory", "100000G"]), "--memory 102400000M", "host")
+
+
+def test_create_cmdline_control_characters(isolated_home: Path) -> None:
+    assert_one_line_error(run_hkpod(["create", "--cmdline-extra", "quiet\nsplash"]), "--cmdline-extra", "control characters")
+
+
+def test_logs_previous_missing(isolated_home: Path) -> None:
+    paths = MachinePaths.for_name("podman")
+    paths.dir.mkdir(parents=True)
+    save_config(sample_config(), paths.config)
+    assert_one_line_error(run_hkpod(["logs", "--previous", "podman"]), "earlier boot")
+
+
+def test_image_convert_keeps_existing(isolated_home: Path, tmp_path: Path) -> None:
+    existing = tmp_path / "disk.raw"
+    existing.write_bytes(b"precious data")
+    source = tmp_path / "source.qcow2"
+    source.write_bytes(b"QFI\xfb")
+    assert_one_line_error(run_hkpod(["image", "convert", str(source), str(existing)]), "already exists")
+    assert existing.read_bytes() == b"precious data"
+
+
+def test_rm_force_unreadable_config(isolated_home: Path) -> None:
+    paths = MachinePaths.for_name("podman")
+    paths.dir.mkdir(parents=True)
+    paths.config.write_text("{broken")
+    result = run_hkpod(["rm", "--force", "podman"])
+    assert result.returncode == 0
+    assert not paths.dir.exists()
 
 
 def test_create_disk_smaller_than_image(isolated_home: Path, fake_image: Path) -> None:

@@ -85,3 +85,24 @@ def test_cmdline_extra_last() -> None:
 @pytest.mark.parametrize("word", ["console=ttyS0", "ds=nocloud", "panic=1", "no_timer_check"])
 def test_cmdline_has(word: str) -> None:
     assert word in kernel_cmdline("").split()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("memory_mib", None), ("memory_mib", "2048"), ("cpus", True), ("image_digests", 5), ("image_digests", [1]),
+     ("ssh_port", "abc"), ("accel", 3), ("name", None), ("insecure_skip_verify", "no")],
+)
+def test_config_wrong_type(tmp_path: Path, field: str, value: object) -> None:
+    save_config(sample_config(), tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    data[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(HkpodError) as raised:
+        load_config(tmp_path / "config.json")
+    assert field in raised.value.message
+
+
+@pytest.mark.parametrize("name", ["a-", "podman-"])
+def test_name_trailing_hyphen(name: str) -> None:
+    with pytest.raises(HkpodError):
+        validate_name(name)

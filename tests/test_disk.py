@@ -60,9 +60,18 @@ def test_builtin_matches_qemu_img(tmp_path: Path, qcow2_image: Path, monkeypatch
 def test_auto_uses_qemu_img(tmp_path: Path, qcow2_image: Path, failing_qemu_img: Path,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HKPOD_QCOW2_CONVERTER", raising=False)
-    with pytest.raises(HkpodError):
-        make_disk(qcow2_image, tmp_path / "disk.raw", 128 * MIB)
+    make_disk(qcow2_image, tmp_path / "disk.raw", 128 * MIB)
     assert failing_qemu_img.exists()
+
+
+def test_auto_falls_back_to_builtin(tmp_path: Path, qcow2_image: Path, failing_qemu_img: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The stand-in qemu-img fails, so a correct disk can only come from the built-in converter.
+    monkeypatch.delenv("HKPOD_QCOW2_CONVERTER", raising=False)
+    make_disk(qcow2_image, tmp_path / "auto.raw", 64 * MIB)
+    monkeypatch.setenv("HKPOD_QCOW2_CONVERTER", "builtin")
+    make_disk(qcow2_image, tmp_path / "builtin.raw", 64 * MIB)
+    assert filecmp.cmp(tmp_path / "auto.raw", tmp_path / "builtin.raw", shallow=False)
 
 
 def test_failed_conversion_leaves_nothing(tmp_path: Path, qcow2_image: Path, failing_qemu_img: Path,
