@@ -185,3 +185,8 @@ def test_dry_run_prints_seed_without_private_key(isolated_home: Path, fake_image
     result = run_hkpod(["create", "demo", "--image", str(fake_image), "--accel", "tcg", "--dry-run"], check=True)
     assert "#cloud-config" in result.stdout
     assert "PRIVATE KEY" not in result.stdout
+
+
+def test_dry_run_auto_accel_unprobed(isolated_home: Path, fake_image: Path) -> None:
+    result = run_hkpod(["create", "demo", "--image", str(fake_image), "--dry-run"], check=True)
+    assert "-accel '<accel: probed at create>'" in result.stdout

@@ -53,6 +53,9 @@ def qemu_binary() -> str:
 
 
 def accel_arguments(accel: str) -> list[str]:
+    if accel.startswith("<"):
+        # A dry run before the accelerator probe has run prints the choice as a placeholder.
+        return ["-accel", accel, "-cpu", "<cpu model for that accelerator>"]
     if accel == "tcg":
         # tb-size=256 halves QEMU's resident memory against the default translation cache, at the same speed.
         return ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max"]
