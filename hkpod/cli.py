@@ -56,8 +56,8 @@ def cli(context: click.Context, debug: bool) -> None:
 @click.option("--image", help="ubuntu:lts (the default), ubuntu:VERSION or ubuntu:CODENAME, or the path of a raw or qcow2 disk image.")
 @click.option("--mirror", help="Where catalog images come from: a URL or a name (ubuntu, tuna, ustc, sjtu, huawei, aliyun), or a comma-separated list tried in order. Default: $HKPOD_MIRROR, else ubuntu.")
 @click.option("--insecure-skip-verify", is_flag=True, help="Skip the OpenPGP signature check of a catalog image (sha256 sums are still checked).")
-@click.option("--kernel", type=click.Path(path_type=Path), help="Guest kernel (bzImage); default: the one vmlinuz* next to --image.")
-@click.option("--initrd", type=click.Path(path_type=Path), help="Guest initrd; default: the one initrd* next to --image.")
+@click.option("--kernel", help="Guest kernel (bzImage), a path or, with an --image URL, a URL; default: the one found next to --image.")
+@click.option("--initrd", help="Guest initrd, a path or, with an --image URL, a URL; default: the one found next to --image.")
 @click.option("--cmdline-extra", default="", help="Words appended to the guest kernel command line (a root= here replaces the default).")
 @click.option("--driver", type=click.Choice(DRIVER_NAMES), default=default_driver_name, show_default="hyperkit on Intel macOS, else qemu", help="Hypervisor driver.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "hvf", "tcg"]), default="auto", show_default=True, help="QEMU accelerator; auto probes which one really boots here and remembers it.")
@@ -66,7 +66,7 @@ def cli(context: click.Context, debug: bool) -> None:
 @click.option("--hyperkit", "hyperkit_path", type=click.Path(path_type=Path), help="The hyperkit binary to use (HyperKit driver); default: $HKPOD_HYPERKIT, PATH, Docker Desktop, Multipass. Kept for later starts.")
 @click.option("--dry-run", is_flag=True, help="Print the hypervisor argv and the seed files, create nothing.")
 def create(name: str, cpus: int, memory: str, disk: str, image: str | None, mirror: str | None, insecure_skip_verify: bool,
-           kernel: Path | None, initrd: Path | None, cmdline_extra: str, driver: str, accel: str, network: str,
+           kernel: str | None, initrd: str | None, cmdline_extra: str, driver: str, accel: str, network: str,
            hyperkit_path: Path | None, timeout: float, dry_run: bool) -> None:
     """Create and start machine NAME (default: podman) and register it as a podman connection."""
     from hkpod.config import validate_name

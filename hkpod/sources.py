@@ -11,6 +11,7 @@ from hkpod.images.cache import blob_path, ensure_image
 from hkpod.images.catalog import DEFAULT_IMAGE, Arch, host_arch, is_catalog_name
 from hkpod.images.mirrors import select_mirrors
 from hkpod.images.resolve import Role
+from hkpod.images.urls import fetch_url_image, is_url
 from hkpod.paths import cache_root
 
 
@@ -59,7 +60,7 @@ def find_beside(image: Path, kind: str) -> Path:
 
 
 def resolve_boot_files(
-    image: str | None, kernel: Path | None, initrd: Path | None, *, driver: str, mirror: str | None, verify: bool
+    image: str | None, kernel: str | None, initrd: str | None, *, driver: str, mirror: str | None, verify: bool
 ) -> BootFiles:
     """Return the boot files for IMAGE, downloading a catalog image (such as `ubuntu:lts`) when it is not cached."""
     name = image or DEFAULT_IMAGE
@@ -77,16 +78,25 @@ def resolve_boot_files(
             description=f"{cached.key} ({cached.file(Role.IMAGE).name}, {cached.pulled_at})",
             digests=tuple(sorted(cached.digests())),
         )
-    if name.startswith(("http://", "https://")):
-        raise HkpodError(f"--image {name}: image URLs are not supported",
-                         "download the image, kernel and initrd and pass their paths, or use --image ubuntu:lts")
     if mirror is not None:
         raise HkpodError(f"--mirror applies only to catalog images such as ubuntu:lts, not to --image {name}",
                          "leave out --mirror")
+    if is_url(name):
+        fetched = fetch_url_image(image_cache_root(), name, kernel, initrd, verify=verify)
+        return BootFiles(
+            image=fetched.image,
+            kernel=fetched.kernel or check_readable(Path(str(kernel)), "--kernel"),
+            initrd=fetched.initrd or check_readable(Path(str(initrd)), "--initrd"),
+            description=name,
+            digests=fetched.digests,
+        )
+    for option, value in (("--kernel", kernel), ("--initrd", initrd)):
+        if value is not None and is_url(value):
+            raise HkpodError(f"{option} {value}: a URL needs an --image URL too", f"download it and pass its path to {option}")
     image_path = check_readable(Path(name), "--image")
     return BootFiles(
         image=image_path,
-        kernel=check_readable(kernel or find_beside(image_path, "kernel"), "--kernel"),
-        initrd=check_readable(initrd or find_beside(image_path, "initrd"), "--initrd"),
+        kernel=check_readable(Path(kernel) if kernel else find_beside(image_path, "kernel"), "--kernel"),
+        initrd=check_readable(Path(initrd) if initrd else find_beside(image_path, "initrd"), "--initrd"),
         description=str(image_path),
     )

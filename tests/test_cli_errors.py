@@ -65,7 +65,7 @@ def test_cli_rejects(isolated_home: Path, args: list[str], needles: list[str]) -
 @pytest.mark.parametrize(
     ("image", "needles"),
     [("ubuntu:22.04", ["22.04", "3.4"]), ("ubuntu:focal", ["20.04"]), ("ubuntu:99.04", ["99.04"]),
-     ("https://example.invalid/disk.img", ["not supported"])],
+     ("http://127.0.0.1:9/images/", ["names a directory"])],
 )
 def test_create_image_rejected(isolated_home: Path, image: str, needles: list[str]) -> None:
     assert_one_line_error(run_hkpod(["create", "--image", image]), *needles)

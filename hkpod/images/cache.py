@@ -113,7 +113,7 @@ def _index_path(cache_root: Path) -> Path:
 
 
 @contextmanager
-def _locked(cache_root: Path) -> Iterator[None]:
+def cache_lock(cache_root: Path) -> Iterator[None]:
     """Hold an exclusive lock on the cache, so two hkpod processes never write it at once."""
     cache_root.mkdir(parents=True, exist_ok=True)
     with (cache_root / "lock").open("a") as lock_file:
@@ -300,7 +300,7 @@ def pull_image(
     active = fetcher or Fetcher(options)
 
     try:
-        with _locked(cache_root):
+        with cache_lock(cache_root):
             return _pull_from_mirrors(cache_root, release, arch, mirrors, Resolver(active, keys))
     finally:
         if owned:
@@ -321,7 +321,7 @@ def _pull_from_mirrors(
             resolved = resolver.resolve(release, arch, mirror)
             # The small kernel and initrd first, so a mirror without them fails before the image.
             order = (Role.KERNEL, Role.INITRD, Role.IMAGE)
-            fetched = {role: _fetch_blob(cache_root, resolver.fetcher, resolved.file(role)) for role in order}
+            fetched = {role: fetch_blob(cache_root, resolver.fetcher, resolved.file(role)) for role in order}
             files = tuple(fetched[remote.role] for remote in resolved.files)
         except UnavailableError as error:
             failures.append((mirror, error))
@@ -340,7 +340,8 @@ def _pull_from_mirrors(
     )
 
 
-def _fetch_blob(cache_root: Path, fetcher: Fetcher, remote: RemoteFile) -> CachedFile:
+def fetch_blob(cache_root: Path, fetcher: Fetcher, remote: RemoteFile) -> CachedFile:
+    """Download REMOTE into the content-addressed cache unless it is there already; call with cache_lock held."""
     target = blob_path(cache_root, remote.sha256)
     if target.is_file():
         LOG.info("%s %s is already cached", remote.role.value, remote.name)
@@ -395,7 +396,7 @@ def remove_image(
     IN_USE contains the digests that machines use. Those blobs are kept.
     """
     release = lookup_release(name)
-    with _locked(cache_root):
+    with cache_lock(cache_root):
         images = _load_index(cache_root)
         doomed = [
             key
@@ -414,7 +415,7 @@ def remove_image(
 
 def prune(cache_root: Path, in_use: set[str] | frozenset[str]) -> RemovalResult:
     """Delete every blob no machine uses, the index entries that needed them, and partial downloads."""
-    with _locked(cache_root):
+    with cache_lock(cache_root):
         blob_dir = cache_root / "blobs" / "sha256"
         present = (
             frozenset(path.name for path in blob_dir.iterdir() if _DIGEST.fullmatch(path.name))
