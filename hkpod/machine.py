@@ -215,6 +215,8 @@ def create(request: CreateRequest) -> MachineConfig:
     """
     driver = get_driver(request.driver)
     driver.check_host()
+    driver.check_boot_files(request.kernel, request.initrd, cmdline=kernel_cmdline(request.cmdline_extra),
+                            memory_mib=request.memory_mib)
     paths = MachinePaths.for_name(request.name)
     machines_root().mkdir(parents=True, exist_ok=True)
     try:

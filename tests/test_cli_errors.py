@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_hkpod
+from hyperkit.kernels import write_bzimage
 from hkpod.config import save_config
 from hkpod.lock import machine_lock
 from hkpod.paths import MachinePaths
@@ -22,7 +23,7 @@ def fake_image(tmp_path: Path) -> Path:
     image = directory / "disk.raw"
     with image.open("wb") as handle:
         handle.truncate(2 << 30)
-    (directory / "vmlinuz").write_bytes(b"kernel")
+    write_bzimage(directory / "vmlinuz")
     (directory / "initrd.img").write_bytes(b"initrd")
     return image
 
@@ -190,3 +191,11 @@ def test_dry_run_prints_seed_without_private_key(isolated_home: Path, fake_image
 def test_dry_run_auto_accel_unprobed(isolated_home: Path, fake_image: Path) -> None:
     result = run_hkpod(["create", "demo", "--image", str(fake_image), "--dry-run"], check=True)
     assert "-accel '<accel: probed at create>'" in result.stdout
+
+
+def test_create_kernel_not_bzimage(isolated_home: Path, fake_image: Path) -> None:
+    kernel = fake_image.parent / "vmlinuz"
+    kernel.write_bytes(b"<!DOCTYPE HTML>" + bytes(700))
+    result = run_hkpod(["create", "html", "--image", str(fake_image), "--disk", "3G", "--accel", "tcg"])
+    assert_one_line_error(result, "not a bzImage", str(kernel))
+    assert machines(isolated_home) == []

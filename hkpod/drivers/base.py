@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from hkpod.config import MachineConfig
@@ -31,6 +32,9 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def check_host(self) -> None:
         """Raise HkpodError when this host cannot run the driver, saying what to use instead."""
+
+    def check_boot_files(self, kernel: Path, initrd: Path, *, cmdline: str, memory_mib: int) -> None:
+        """Raise HkpodError when the hypervisor could not boot KERNEL and INITRD; called before anything is made."""
 
     @abc.abstractmethod
     def prepare(self, config: MachineConfig, paths: MachinePaths, options: CreateOptions) -> MachineConfig:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hkpod.bzimage import check_bzimage
 from hkpod.config import MachineConfig, write_atomic
 from hkpod.drivers.base import CreateOptions, Driver
 from hkpod.errors import HkpodError
@@ -221,6 +222,11 @@ class QemuDriver(Driver):
 
     def check_host(self) -> None:
         qemu_binary()
+
+    def check_boot_files(self, kernel: Path, initrd: Path, *, cmdline: str, memory_mib: int) -> None:
+        # QEMU's x86 direct kernel boot loads a bzImage; other architectures take other formats.
+        if host_arch() == "x86_64":
+            check_bzimage(kernel, cmdline=cmdline)
 
     def _spec(self, config: MachineConfig, paths: MachinePaths, binary: str) -> QemuSpec:
         return QemuSpec(

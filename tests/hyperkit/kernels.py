@@ -1,7 +1,7 @@
 """Minimal bzImage files for tests, built from the Linux x86 boot protocol.
 
 The header layout is written out here on its own, not taken from
-hkpod.drivers.hyperkit.bzimage, so that the tests check that module against
+hkpod.bzimage, so that the tests check that module against
 an independent reading of the boot protocol.
 """
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hkpod.drivers.hyperkit.argv import kernel_cmdline
-from hkpod.drivers.hyperkit.bzimage import check_kernel
+from hkpod.bzimage import check_kernel
 from hkpod.errors import HkpodError
 
 from . import fake_hyperkit

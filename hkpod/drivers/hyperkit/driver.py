@@ -21,7 +21,7 @@ from typing import Any
 from hkpod.config import MachineConfig
 from hkpod.drivers.base import CreateOptions, Driver
 from hkpod.drivers.hyperkit.argv import HyperkitSpec, hyperkit_argv
-from hkpod.drivers.hyperkit.bzimage import check_kernel
+from hkpod.bzimage import check_kernel
 from hkpod.drivers.hyperkit.leases import find_ip, find_ip_by_name, parse_mac, read_leases
 from hkpod.drivers.hyperkit.locate import find_hyperkit, host_supports_hyperkit, hyperkit_candidates
 from hkpod.drivers.hyperkit.lifecycle import FINAL_STATES, State, is_hyperkit_process, read_state
@@ -154,6 +154,9 @@ class HyperkitDriver(Driver):
         mac = query_mac(binary, config.uuid)
         LOG.debug("vmnet gives machine %s the MAC %s", config.name, mac)
         return config.replace(mac=mac, ssh_port=SSH_PORT, hyperkit=binary)
+
+    def check_boot_files(self, kernel: Path, initrd: Path, *, cmdline: str, memory_mib: int) -> None:
+        check_kernel(kernel, cmdline=cmdline, initrd=initrd, memory_mib=memory_mib)
 
     def _check_kernel(self, config: MachineConfig, paths: MachinePaths) -> None:
         check_kernel(paths.kernel, cmdline=config.kernel_cmdline, initrd=paths.initrd, memory_mib=config.memory_mib)

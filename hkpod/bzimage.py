@@ -232,6 +232,27 @@ def _check_initrd(initrd: Path, header: SetupHeader, lowmem: int, kernel: Placem
         )
 
 
+def check_bzimage(path: Path, *, cmdline: str) -> None:
+    """Raise HkpodError unless PATH is an x86 bzImage whose cmdline_size takes CMDLINE.
+
+    This is the part of check_kernel that holds for any loader, QEMU's direct kernel boot among them.
+    """
+    size = _regular_file_size(path, "kernel")
+    try:
+        with path.open("rb") as kernel_file:
+            data = kernel_file.read(SETUP_HEADER_END)
+    except OSError as error:
+        raise HkpodError(f"failed to read kernel {path}: {error.strerror}") from error
+    header = _check_signatures(path, data, size)
+    length = len(cmdline.encode())
+    if length + 1 > header.cmdline_size:
+        raise HkpodError(
+            f"the kernel command line is {length} bytes, but kernel {path} accepts at most"
+            f" {max(header.cmdline_size - 1, 0)} (cmdline_size at 0x238)",
+            "shorten --cmdline-extra",
+        )
+
+
 def check_kernel(path: Path, *, cmdline: str, initrd: Path, memory_mib: int) -> None:
     """Raise HkpodError unless hyperkit's kexec loader would boot PATH with INITRD and CMDLINE.
 
