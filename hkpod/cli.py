@@ -11,11 +11,12 @@ from pathlib import Path
 import click
 
 from hkpod import __version__, machine
-from hkpod.drivers import DRIVER_NAMES, default_driver_name
+from hkpod.drivers import DRIVER_NAMES, default_driver_name, get_driver
 from hkpod.errors import HkpodError
 from hkpod.readiness import ReadinessError
 from hkpod.images.catalog import DEFAULT_IMAGE, is_catalog_name, resolve_image_name
 from hkpod.sizes import GIB, format_size, human_size, parse_disk_bytes, parse_memory_mib, parse_size
+from hkpod.images.urls import is_url
 from hkpod.sources import BootFiles, resolve_boot_files
 
 LOG = logging.getLogger("hkpod")
@@ -88,7 +89,13 @@ def create(name: str, cpus: int, memory: str, disk: str, image: str | None, mirr
         release = resolve_image_name(image or DEFAULT_IMAGE)
         placeholder = Path(f"<{release.name} from the image cache>")
         files = BootFiles(image=placeholder, kernel=placeholder, initrd=placeholder, description=release.name)
+    elif dry_run and image is not None and is_url(image):
+        placeholder = Path(f"<{image} from the image cache>")
+        files = BootFiles(image=placeholder, kernel=placeholder, initrd=placeholder, description=image)
     else:
+        if not dry_run:
+            # Fail before any download when this host cannot run the driver at all.
+            get_driver(driver).check_host()
         files = resolve_boot_files(image, kernel, initrd, driver=driver, mirror=mirror, verify=not insecure_skip_verify)
     request = machine.CreateRequest(
         name=name, driver=driver, cpus=cpus, memory_mib=memory_mib, disk_bytes=disk_bytes, image=files.image,

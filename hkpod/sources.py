@@ -81,6 +81,8 @@ def resolve_boot_files(
     if mirror is not None:
         raise HkpodError(f"--mirror applies only to catalog images such as ubuntu:lts, not to --image {name}",
                          "leave out --mirror")
+    if "://" in name and not is_url(name):
+        raise HkpodError(f"--image {name}: only http:// and https:// URLs are supported", "download the file and pass its path")
     if is_url(name):
         fetched = fetch_url_image(image_cache_root(), name, kernel, initrd, verify=verify)
         return BootFiles(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,22 @@ def test_create_kernel_not_bzimage(isolated_home: Path, fake_image: Path) -> Non
     result = run_hkpod(["create", "html", "--image", str(fake_image), "--disk", "3G", "--accel", "tcg"])
     assert_one_line_error(result, "not a bzImage", str(kernel))
     assert machines(isolated_home) == []
+
+
+def test_create_ftp_image_rejected(isolated_home: Path) -> None:
+    assert_one_line_error(run_hkpod(["create", "--image", "ftp://127.0.0.1/x.img"]), "only http:// and https://")
+
+
+def test_dry_run_url_downloads_nothing(isolated_home: Path) -> None:
+    result = run_hkpod(["create", "--accel", "tcg", "--image", "http://127.0.0.1:9/x.img", "--kernel", "http://127.0.0.1:9/k",
+                        "--initrd", "http://127.0.0.1:9/i", "--dry-run"], check=True)
+    assert "qemu-system" in result.stdout
+    assert not (isolated_home / "cache" / "images").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="HyperKit cannot run on Linux, so create must stop at the host check")
+def test_hyperkit_on_linux_fails_before_download(isolated_home: Path) -> None:
+    # The default image is ubuntu:lts; the host check must come before any download from the mirror.
+    result = run_hkpod(["create", "--driver", "hyperkit"])
+    assert_one_line_error(result, "--driver qemu")
+    assert not (isolated_home / "cache" / "images").exists()

@@ -52,8 +52,9 @@ def _signed_sums(fetcher: Fetcher, directory: str, keys: TrustedKeys | None) -> 
     try:
         data = fetcher.fetch_bytes(sums_url)
     except UnavailableError as error:
-        raise HkpodError(f"cannot fetch {sums_url}: {error.message}",
-                         "an image URL needs a SHA256SUMS listing it in the same directory") from error
+        hint = ("an image URL needs a SHA256SUMS listing it in the same directory" if error.status == 404
+                else "check the URL and that the server is reachable")
+        raise HkpodError(f"cannot fetch {sums_url}: {error.message}", hint) from error
     if keys is None:
         LOG.warning("NOT verifying the OpenPGP signature of %s (--insecure-skip-verify)", sums_url)
     else:
