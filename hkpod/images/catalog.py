@@ -95,7 +95,7 @@ def lookup_release(text: str) -> UbuntuRelease:
     if not cleaned.startswith(IMAGE_PREFIX):
         raise HkpodError(
             f"invalid image name {text!r}: catalog names start with {IMAGE_PREFIX!r}",
-            "use e.g. ubuntu:lts, a local image file or an http(s) URL",
+            "use a catalog name such as ubuntu:lts or ubuntu:24.04",
         )
 
     key = cleaned[len(IMAGE_PREFIX) :]
