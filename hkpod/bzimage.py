@@ -193,15 +193,19 @@ def place_kernel(path: Path, header: SetupHeader, size: int, lowmem: int) -> Pla
     return Placement(start=start, size=init_size)
 
 
-def _check_cmdline(path: Path, header: SetupHeader, cmdline: str, kernel: Placement) -> None:
-    # hyperkit passes "auto" when the -f kexec argument has no command line.
-    length = len((cmdline or "auto").encode())
+def _check_cmdline_size(path: Path, header: SetupHeader, length: int) -> None:
     if length + 1 > header.cmdline_size:
         raise HkpodError(
             f"the kernel command line is {length} bytes, but kernel {path} accepts at most"
             f" {max(header.cmdline_size - 1, 0)} (cmdline_size at 0x238)",
             "shorten --cmdline-extra",
         )
+
+
+def _check_cmdline(path: Path, header: SetupHeader, cmdline: str, kernel: Placement) -> None:
+    # hyperkit passes "auto" when the -f kexec argument has no command line.
+    length = len((cmdline or "auto").encode())
+    _check_cmdline_size(path, header, length)
     if CMDLINE_ADDRESS + length + 1 > kernel.start:
         raise HkpodError(f"the kernel command line is {length} bytes, too long to fit below kernel {path}")
 
@@ -232,25 +236,24 @@ def _check_initrd(initrd: Path, header: SetupHeader, lowmem: int, kernel: Placem
         )
 
 
-def check_bzimage(path: Path, *, cmdline: str) -> None:
-    """Raise HkpodError unless PATH is an x86 bzImage whose cmdline_size takes CMDLINE.
-
-    This is the part of check_kernel that holds for any loader, QEMU's direct kernel boot among them.
-    """
+def _read_checked_header(path: Path) -> tuple[SetupHeader, int]:
+    """Return the setup header of kernel PATH and its size, after checking the bzImage signatures."""
     size = _regular_file_size(path, "kernel")
     try:
         with path.open("rb") as kernel_file:
             data = kernel_file.read(SETUP_HEADER_END)
     except OSError as error:
         raise HkpodError(f"failed to read kernel {path}: {error.strerror}") from error
-    header = _check_signatures(path, data, size)
-    length = len(cmdline.encode())
-    if length + 1 > header.cmdline_size:
-        raise HkpodError(
-            f"the kernel command line is {length} bytes, but kernel {path} accepts at most"
-            f" {max(header.cmdline_size - 1, 0)} (cmdline_size at 0x238)",
-            "shorten --cmdline-extra",
-        )
+    return _check_signatures(path, data, size), size
+
+
+def check_bzimage(path: Path, *, cmdline: str) -> None:
+    """Raise HkpodError unless PATH is an x86 bzImage whose cmdline_size takes CMDLINE.
+
+    This is the part of check_kernel that holds for any loader, QEMU's direct kernel boot among them.
+    """
+    header, _ = _read_checked_header(path)
+    _check_cmdline_size(path, header, len(cmdline.encode()))
 
 
 def check_kernel(path: Path, *, cmdline: str, initrd: Path, memory_mib: int) -> None:
@@ -262,15 +265,8 @@ def check_kernel(path: Path, *, cmdline: str, initrd: Path, memory_mib: int) -> 
     below min(3 GiB, memory, initrd_addr_max). The kernel must fit in that memory, the initrd must start
     above the kernel's end, and the command line must be shorter than cmdline_size.
     """
-    size = _regular_file_size(path, "kernel")
-    try:
-        with path.open("rb") as kernel_file:
-            data = kernel_file.read(SETUP_HEADER_END)
-    except OSError as error:
-        raise HkpodError(f"failed to read kernel {path}: {error.strerror}") from error
-
+    header, size = _read_checked_header(path)
     lowmem = min(memory_mib * MIB, LOWMEM_LIMIT)
-    header = _check_signatures(path, data, size)
     kernel = place_kernel(path, header, size, lowmem)
     _check_cmdline(path, header, cmdline, kernel)
     _check_initrd(initrd, header, lowmem, kernel)
