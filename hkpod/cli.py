@@ -115,7 +115,7 @@ def create(name: str, cpus: int, memory: str, disk: str, image: str | None, mirr
 @click.argument("name", default="podman")
 @click.option("--timeout", type=click.FloatRange(min=1), default=DEFAULT_TIMEOUT, show_default=True, help="Seconds to wait for the guest to become ready.")
 def start(name: str, timeout: float) -> None:
-    """Start machine NAME and wait until podman answers."""
+    """Start machine NAME and wait until podman responds."""
     machine.start(name, timeout)
     click.echo(f"Machine {name!r} is ready")
 
@@ -176,7 +176,7 @@ def inspect(name: str) -> None:
 @cli.command()
 @click.argument("name", default="podman")
 def ip(name: str) -> None:
-    """Print the address where machine NAME's SSH server answers."""
+    """Print the address of machine NAME's SSH server."""
     config, paths, driver = machine.load(name)
     address = driver.ssh_address(config, paths)
     if address is None:

@@ -75,9 +75,9 @@ CONVERTERS = ("auto", "builtin", "qemu-img")
 def convert_qcow2(image: Path, dest: Path, *, size: int, virtual_size: int) -> None:
     """Convert IMAGE to a sparse raw DEST of SIZE bytes, with qemu-img when it is installed.
 
-    qemu-img converted the test guest's image about 1.3 to 1.5 times faster than the built-in
-    converter (scripts/bench, 2 cores), so it is preferred when present; the built-in converter
-    makes hkpod work without it. HKPOD_QCOW2_CONVERTER=builtin or qemu-img forces one of them.
+    qemu-img converted the test guest's image 1.2 to 1.5 times faster than the built-in converter
+    (scripts/bench on 2 cores), so it is preferred when present. The built-in converter makes hkpod
+    work without it. HKPOD_QCOW2_CONVERTER=builtin or qemu-img forces one of them.
     """
     from hkpod import qcow2
 

@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-# sun_path holds 104 bytes on macOS and 108 on Linux, including the terminating NUL.
+# sun_path has room for 104 bytes on macOS and 108 on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 100
 
 

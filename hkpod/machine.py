@@ -211,7 +211,7 @@ def dry_run(request: CreateRequest) -> str:
 def create(request: CreateRequest) -> MachineConfig:
     """Make the machine directory, boot the guest until podman responds, and register the connection.
 
-    Whatever fails, including Ctrl-C, removes everything made so far, so a failed create leaves nothing.
+    A failure, Ctrl-C, SIGTERM or SIGHUP removes everything made so far (tests cover Ctrl-C and bad input).
     """
     driver = get_driver(request.driver)
     driver.check_host()

@@ -12,7 +12,7 @@ APP_NAME = "hkpod"
 
 
 def state_root() -> Path:
-    """Return the directory that holds all machines: `$HKPOD_HOME`, else the platform's data dir."""
+    """Return the directory that contains all machines: `$HKPOD_HOME`, else the platform's data dir."""
     override = os.environ.get("HKPOD_HOME")
     if override:
         return Path(override).expanduser().absolute()
@@ -109,7 +109,7 @@ class MachinePaths:
 
     @property
     def starting_marker(self) -> Path:
-        """Exists while a start is in progress, so `list` can say "starting"."""
+        """Exists while a start is in progress, so `list` can show "starting"."""
         return self.dir / "starting"
 
     @property

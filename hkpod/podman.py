@@ -31,7 +31,7 @@ def connection_uri(user: str, host: str, port: int) -> str:
 
 
 def user_known_hosts() -> Path:
-    """The only known_hosts file podman's own SSH client reads."""
+    """Return the only known_hosts file podman's own SSH client reads."""
     return Path(os.path.expanduser("~")) / ".ssh" / "known_hosts"
 
 

@@ -15,12 +15,12 @@ LOG = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5
 CONSOLE_TAIL_LINES = 20
-# ssh exits 255 for its own failures (refused, reset, timeout); cloud-init restarts sshd a few
-# seconds after it first answers, so 255 is retried until the deadline.
+# ssh exits 255 for its own failures (refused, reset, timeout). cloud-init restarts sshd a few
+# seconds after it first accepts connections, so 255 is retried until the deadline.
 SSH_ERROR_STATUS = 255
-# Console lines after which the guest cannot come up. With panic=1 on the kernel command line both the
-# kernel and Debian's and Ubuntu's initramfs reboot instead of halting, so the boot would loop until
-# the timeout if nobody read them.
+# Console lines after which the guest cannot come up. With panic=1 on the kernel command line, the
+# kernel and the initramfs of Debian and Ubuntu reboot instead of halting. Without this check the
+# boot would loop until the timeout.
 FATAL_CONSOLE_TEXT = (
     "Kernel panic - not syncing",
     "Gave up waiting for root file system device",
@@ -39,7 +39,7 @@ class Guest:
     exit_reason: Callable[[], str | None]
     # Returns the SSH target once the guest's address is known (HyperKit learns it from DHCP).
     ssh_target: Callable[[], SshTarget | None]
-    # The last line ssh printed while the guest was not answering, for the timeout message.
+    # The last line ssh printed while the guest did not accept connections, for the timeout message.
     last_ssh_error: str = ""
 
 

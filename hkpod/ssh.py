@@ -31,7 +31,7 @@ def read_public_key(path: Path) -> tuple[str, str]:
 
 
 def host_key_alias(machine: str) -> str:
-    """The name the per-machine known_hosts pins the host key under, whatever the address or port."""
+    """Return the name the per-machine known_hosts pins the host key under, whatever the address or port."""
     return f"hkpod-{machine}"
 
 
@@ -42,7 +42,7 @@ def known_hosts_line(machine: str, host_public_key: Path) -> str:
 
 @dataclass(frozen=True)
 class SshTarget:
-    """Where and as whom to reach a machine's sshd, and how to check its host key."""
+    """Address, user and host-key settings for reaching a machine's sshd."""
 
     machine: str
     user: str
@@ -73,7 +73,7 @@ class SshTarget:
         return options
 
     def argv(self, command: Sequence[str] = (), *, batch: bool = False, tty: bool = False) -> list[str]:
-        """Return the ssh argv; COMMAND's words are quoted so the guest's shell sees them unchanged."""
+        """Return the ssh argv; COMMAND's words are quoted so the guest's shell receives them unchanged."""
         ssh = require_executable("ssh", SSH_HINT)
         argv = [ssh, *self.options(batch=batch)]
         if tty:

@@ -67,7 +67,7 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 
 @dataclass(frozen=True)
 class GuestImage:
-    """The Debian guest that stands in for Ubuntu's cloud image in tests."""
+    """The Debian guest that replaces Ubuntu's cloud image in tests."""
 
     dir: Path
 

@@ -1,4 +1,4 @@
-"""The small interface every hypervisor driver implements; shared code sees only this."""
+"""The small interface every hypervisor driver implements; shared code uses only this."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def ssh_address(self, config: MachineConfig, paths: MachinePaths) -> tuple[str, int] | None:
-        """Return (host, port) where the guest's sshd answers, or None while it is not known yet."""
+        """Return (host, port) of the guest's sshd, or None while it is not known yet."""
 
     def failed(self, config: MachineConfig, paths: MachinePaths) -> bool:
         """Return whether the VM process ended in an error that a plain stop would not explain."""
